@@ -6,6 +6,7 @@ limits below and raises `BadRequest` with the reason. `encode(msg)` is the inver
 
 from __future__ import annotations
 
+import threading
 from typing import Annotated, Literal
 
 import msgspec
@@ -428,9 +429,24 @@ def encode(msg: Struct) -> bytes:
     return msgspec.json.encode(msg)
 
 
+_decoders: dict[type, msgspec.json.Decoder] = {}
+_decoders_made = threading.Lock()
+
+
+def _decoder(kind: type) -> msgspec.json.Decoder:
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        # msgspec (0.22) learns a Struct type's fields on its first use and publishes them
+        # half-learnt: two threads decoding a new type at once can crash the process
+        # (SIGSEGV; seen in `ifs put`). So each type is learnt once, by one thread.
+        with _decoders_made:
+            decoder = _decoders.get(kind) or _decoders.setdefault(kind, msgspec.json.Decoder(kind))
+    return decoder
+
+
 def decode(data: bytes | str, kind: type, what: str | None = None):
     """Parse JSON into `kind`, turning every schema or limit violation into BadRequest."""
     try:
-        return msgspec.json.decode(data, type=kind)
+        return _decoder(kind).decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise BadRequest(f"invalid {what or kind.__name__}: {exc}") from None

@@ -3,6 +3,8 @@
 import itertools
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -164,3 +166,40 @@ def test_audit_index_needs_both_sides():
     # Either side changing its value moves the block somewhere neither could predict alone.
     assert len({hashing.audit_index(ra, os.urandom(32), 1000) for _ in range(20)}) > 10
     assert len({hashing.audit_index(os.urandom(32), rb, 1000) for _ in range(20)}) > 10
+
+
+RACE = """
+import sys, threading
+from typing import Annotated
+import msgspec
+from ifsproto.messages import decode, encode
+
+sys.setswitchinterval(1e-6)
+for _ in range(20):  # each round a new type, first decoded by six threads at once
+    class Inner(msgspec.Struct):
+        a: int
+        b: list[int] = []
+
+    class Outer(msgspec.Struct):
+        x: int
+        inner: Inner
+        items: list[Inner]
+        name: Annotated[str, msgspec.Meta(max_length=100)]
+
+    data = encode(Outer(1, Inner(1), [Inner(2)] * 3, "n"))
+    start = threading.Barrier(6)
+
+    def work():
+        start.wait()
+        assert decode(data, Outer).items[2].a == 2
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+"""
+
+
+def test_decoding_a_new_type_in_many_threads_at_once_is_safe():
+    # msgspec alone crashed in ~40% of such rounds; a crash must fail this test, not pytest.
+    done = subprocess.run([sys.executable, "-c", RACE], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
