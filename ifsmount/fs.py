@@ -151,7 +151,7 @@ class DriveOperations(pyfuse3.Operations):
             size = len(inode.target.encode())
         a.st_ino = inode.ino
         a.st_mode = KIND_BITS[inode.kind] | inode.mode
-        a.st_nlink = 2 + self.meta.subdirs(inode) if inode.kind == "dir" else max(inode.nlink, 1)
+        a.st_nlink = 2 + inode.subdirs if inode.kind == "dir" else max(inode.nlink, 1)
         a.st_uid = owner(inode.uid, MY_UID)
         a.st_gid = owner(inode.gid, MY_GID)
         a.st_rdev = inode.rdev
@@ -278,7 +278,7 @@ class DriveOperations(pyfuse3.Operations):
             rdev=rdev, target=target))
         inode = self.meta.stored(node)
         inode.parent = parent.ino
-        parent.children[name] = inode.ino
+        self.meta.put_child(parent, name, inode.ino)
         parent.mtime_ns = parent.ctime_ns = node.ctime_ns
         return self.attrs(inode)
 
@@ -317,7 +317,7 @@ class DriveOperations(pyfuse3.Operations):
         await self._store_new(inode)
         node = await self._mutate("/v1/nodes/link", NodeLink(inode.node, parent.node, name))
         self.meta.stored(node)
-        parent.children[name] = inode.ino
+        self.meta.put_child(parent, name, inode.ino)
         return self.attrs(inode)
 
     @answers_errno
@@ -343,7 +343,7 @@ class DriveOperations(pyfuse3.Operations):
         if child.node is not None:
             await self._mutate("/v1/nodes/unlink", NodeUnlink(parent.node, name, directory), None)
         if parent.children.get(name) == child.ino:
-            del parent.children[name]
+            self.meta.drop_child(parent, name)
         parent.mtime_ns = parent.ctime_ns = time.time_ns()
         self._unlinked(child)
 
@@ -381,8 +381,8 @@ class DriveOperations(pyfuse3.Operations):
             old_parent.node, old_name, new_parent.node, new_name, replace=not flags & pyfuse3.RENAME_NOREPLACE), None)
         if target is not None and target.ino != inode.ino:
             self._unlinked(target)
-        del old_parent.children[old_name]
-        new_parent.children[new_name] = inode.ino
+        self.meta.drop_child(old_parent, old_name)
+        self.meta.put_child(new_parent, new_name, inode.ino)
         inode.parent = new_parent.ino
         now = time.time_ns()
         old_parent.mtime_ns = old_parent.ctime_ns = new_parent.mtime_ns = new_parent.ctime_ns = inode.ctime_ns = now

@@ -36,6 +36,7 @@ class Inode:
     version: str = ""
     parent: int = ROOT_INODE  # the directory of its first link: '..' for directories
     children: dict[str, int] | None = None  # name -> inode, for directories
+    subdirs: int = 0  # how many of the children are directories (for st_nlink), kept by Metadata
 
     def update(self, node: Node) -> None:
         for name in ("node", "kind", "mode", "uid", "gid", "size", "nlink", "atime_ns", "mtime_ns",
@@ -63,7 +64,7 @@ class Metadata:
         inode = Inode(self._allocate(), None, kind, mode, uid, gid, atime_ns=now, mtime_ns=now, ctime_ns=now,
                       parent=parent.ino)
         self.inodes[inode.ino] = inode
-        parent.children[name] = inode.ino
+        self.put_child(parent, name, inode.ino)
         parent.mtime_ns = parent.ctime_ns = now
         return inode
 
@@ -122,13 +123,22 @@ class Metadata:
                 if old.get(name) != new.get(name):
                     entries.add((directory.ino, name))
             directory.children = new
+            directory.subdirs = sum(1 for i in new.values() if self.inodes[i].kind == "dir")
             for ino in children.values():
                 self.inodes[ino].parent = directory.ino
         self.seq = max(self.seq, changes.seq)
         return changed, entries
 
-    def subdirs(self, inode: Inode) -> int:
-        return sum(1 for i in (inode.children or {}).values() if self.inodes[i].kind == "dir")
+    def put_child(self, parent: Inode, name: str, ino: int) -> None:
+        """Name `ino` in `parent`, replacing what had that name."""
+        self.drop_child(parent, name)
+        parent.children[name] = ino
+        parent.subdirs += self.inodes[ino].kind == "dir"
+
+    def drop_child(self, parent: Inode, name: str) -> None:
+        ino = parent.children.pop(name, None)
+        if ino is not None:
+            parent.subdirs -= self.inodes[ino].kind == "dir"
 
     def _allocate(self) -> int:
         ino = self._next_ino

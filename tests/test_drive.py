@@ -174,12 +174,14 @@ def test_namespace_operations_and_their_errors(here: Path):
     os.rename(here / "other", here / "hard")  # atomically replaces the target
     assert (here / "hard").read_text() == "replaced" and os.stat(here / "d" / "f").st_nlink == 1
     (here / "e").mkdir()
+    links = os.stat(here).st_nlink
     os.rename(here / "d", here / "e" / "moved")
     assert (here / "e" / "moved" / "f").read_text() == "x"
-    assert os.stat(here / "e").st_nlink == 3
+    assert os.stat(here / "e").st_nlink == 3 and os.stat(here).st_nlink == links - 1
     assert _errno(os.rename, here / "e", here / "e" / "moved" / "inside") == errno.EINVAL
     os.unlink(here / "e" / "moved" / "f")
     os.rmdir(here / "e" / "moved")
+    assert os.stat(here / "e").st_nlink == 2
     assert sorted(os.listdir(here)) == ["e", "fifo", "hard", "sym"]
 
 
