@@ -1,11 +1,14 @@
 """Store and fetch files through real FAT servers, vendors and IFC devices with the `ifs` command."""
 
+import sqlite3
 import subprocess
 import tomllib
 
 import pytest
 import requests
 from conftest import random_file, same_file
+
+from ifsproto.hashing import root_of
 
 MiB = 1 << 20
 
@@ -93,6 +96,26 @@ def test_altered_portions_are_detected_and_their_holders_reported(net, tmp_path)
     net.ifs("get", "/tampered", str(tmp_path / "out"))
     assert same_file(original, tmp_path / "out")
     assert sum(_read_failures(net, v) for v in bad_vendors) > failures_before
+
+
+def test_a_vendor_serving_altered_bytes_as_good_is_read_around_and_reported(net, tmp_path):
+    # The vendor's own portion check passes (its record of the portion's root is changed
+    # too): only the client's end-to-end checks can tell, and must still read the file.
+    original = random_file(tmp_path / "in", 3 * MiB)
+    net.ifs("put", str(original), "/lying-vendor")
+    share = net.stat("/lying-vendor")["segments"][0]["shares"][0]  # a primary share: reads use it
+    vendor_id = share["holders"][0]["vendor"]
+    vendor = net.vendor_name(vendor_id)
+    portion = next(net.dir.glob(f"{vendor}-dev-*/data/portions/{share['share'][:2]}/{share['share']}.0"))
+    data = bytearray(portion.read_bytes())
+    data[100] ^= 0xFF
+    portion.write_bytes(bytes(data))
+    with sqlite3.connect(net.dir / vendor / "data" / "shares.sqlite3") as table:
+        table.execute("UPDATE portions SET root=? WHERE share=? AND idx=0", (root_of(bytes(data)), share["share"]))
+    failures_before = _read_failures(net, vendor_id)
+    net.ifs("get", "/lying-vendor", str(tmp_path / "out"))
+    assert same_file(original, tmp_path / "out")
+    assert _read_failures(net, vendor_id) > failures_before
 
 
 def _read_failures(net, vendor_id: str) -> int:
