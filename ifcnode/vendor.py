@@ -250,9 +250,11 @@ class Vendor:
 
         async def place(index: int, data: bytes, limiter: trio.Semaphore) -> None:
             try:
-                roots[index] = await trio.to_thread.run_sync(root_of, data)
-                if keep:
-                    places.append(await self._place_portion(header, data, index, roots[index]))
+                if keep:  # the device hashes what it stores and says the root: no need to here
+                    places.append(await self._place_portion(header, data, index))
+                    roots[index] = places[-1].root
+                else:
+                    roots[index] = await trio.to_thread.run_sync(root_of, data)
             finally:
                 limiter.release()
 
@@ -284,21 +286,21 @@ class Vendor:
         start = next(self._next_device) % len(usable)
         return usable[start:] + usable[:start]
 
-    async def _place_portion(self, header: FrameHeader, data: bytes, index: int, root: str) -> PortionPlace:
+    async def _place_portion(self, header: FrameHeader, data: bytes, index: int) -> PortionPlace:
+        """Store a portion on a device; its validation says the root of what it stored, which
+        the caller checks (with the frame's other portions) against the frame's root."""
         errors = []
         for device in self._device_order(len(data)):
             url = f"{self.devices[device]}/v1/shares/{header.share}/portions/{index}"
-            headers = {"x-ifs-grant": encode(header.grants[0]).decode(), "x-ifs-root": root}
+            headers = {"x-ifs-grant": encode(header.grants[0]).decode()}
             try:
                 answer = await self.http.put(url, content=data, headers=headers)
                 if answer.status_code != 200:
                     raise RemoteError(f"device {device}", answer.status_code, _reason(answer))
                 valid = decode(answer.content, PortionValidation)
-                if (valid.device, valid.share, valid.index, valid.root, valid.size) != (
-                    device, header.share, index, root, len(data),
-                ):
+                if (valid.device, valid.share, valid.index, valid.size) != (device, header.share, index, len(data)):
                     raise BadRequest(f"device {device} validated something else")
-                return PortionPlace(index, device, len(data), root)
+                return PortionPlace(index, device, len(data), valid.root)
             except (httpx.HTTPError, IfsError) as exc:
                 log.warning("portion %d of %s not stored on device %s: %s", index, header.share, device, exc)
                 errors.append(str(exc))
